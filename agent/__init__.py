@@ -1,0 +1,2 @@
+"""SEPAS node agent."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""SEPAS reference hub."""
