@@ -98,7 +98,7 @@ class Record:
     def __post_init__(self) -> None:
         if len(self.id) != 64 or any(c not in "0123456789abcdef" for c in self.id):
             raise ValueError("Record.id must be 64 lower-case hex digits (use record.*_id())")
-        if self.occurred_at.tzinfo is None or self.captured_at.tzinfo is None:
+        if self.occurred_at.utcoffset() is None or self.captured_at.utcoffset() is None:
             raise ValueError("Record times must be timezone-aware")
         if not isinstance(self.service, Service):
             object.__setattr__(self, "service", Service(self.service))
@@ -143,6 +143,8 @@ class Record:
         """Inverse of `to_wire`. Raises KeyError/ValueError/TypeError on malformed input."""
         raw = data["raw"]
         pat = data.get("patient")
+        if pat is not None and not isinstance(pat.get("national_id_valid"), bool):
+            raise TypeError("patient.national_id_valid must be true or false")
         return cls(
             id=data["id"],
             service=Service(data["service"]),
@@ -153,7 +155,7 @@ class Record:
             if pat is None
             else PatientRef(
                 national_id=pat.get("national_id"),
-                national_id_valid=bool(pat.get("national_id_valid")),
+                national_id_valid=pat["national_id_valid"],
                 local_id=pat.get("local_id"),
             ),
             body=data["body"],
@@ -179,7 +181,7 @@ def canonical_json(obj: Any) -> bytes:
 
 def format_time(t: datetime) -> str:
     """RFC 3339; UTC as ``Z``, other offsets kept (``+03:30``)."""
-    if t.tzinfo is None:
+    if t.utcoffset() is None:
         raise ValueError("naive datetime")
     s = t.isoformat()
     return s[:-6] + "Z" if s.endswith("+00:00") else s
@@ -187,7 +189,7 @@ def format_time(t: datetime) -> str:
 
 def parse_time(s: str) -> datetime:
     t = datetime.fromisoformat(s)
-    if t.tzinfo is None:
+    if t.utcoffset() is None:
         raise ValueError(f"time without offset: {s!r}")
     return t
 
