@@ -35,7 +35,7 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, NoReturn
@@ -580,3 +580,15 @@ def _refuse_duplicate(key: str, context: str) -> None:
 
 def _malformed(detail: str) -> NoReturn:
     raise SignatureFormatError(SignatureProblem.MALFORMED, detail)
+
+
+def day_digest(record_ids: Iterable[str]) -> str:
+    """PROTOCOL.md's reconciliation digest: XOR of SHA-256(id as ASCII), as 64 hex.
+
+    Order-free, so the order records arrived in does not matter. Node and hub both call
+    this one function, so they cannot disagree on the recipe.
+    """
+    acc = 0
+    for rid in record_ids:
+        acc ^= int.from_bytes(hashlib.sha256(rid.encode("ascii")).digest(), "big")
+    return f"{acc:064x}"
