@@ -371,6 +371,7 @@ class Buffer:
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._submit_lock = threading.Lock()  # orders "not closed" + enqueue vs close's stop
         self._closed = False
         self._blob_bytes = int(
             conn.execute("SELECT COALESCE(SUM(size), 0) FROM blobs").fetchone()[0]
@@ -390,11 +391,13 @@ class Buffer:
         retention_days: int = 30,
         clock: Callable[[], float] = time.time,
         busy_timeout_ms: int = 5000,
+        _max_page_count: int | None = None,
     ) -> Buffer:
         """Open (creating if needed) the buffer in ``data_dir``.
 
         ``data_key`` is the 32-byte AES key for records at rest, or None to store them
-        in clear (tests, or `buffer.encrypt = false`).
+        in clear (tests, or `buffer.encrypt = false`). ``_max_page_count`` is a test
+        hook: it caps the file (PRAGMA max_page_count) to simulate a full disk.
 
         Raises:
             StorageError: the directory or file cannot be created or written.
@@ -423,27 +426,36 @@ class Buffer:
             raise _map_sqlite_error(e, path) from None
         try:
             salt = cls._prepare(conn, path, data_key)
+            if _max_page_count is not None:
+                conn.execute(f"PRAGMA max_page_count = {int(_max_page_count)}")
+            with contextlib.suppress(OSError):
+                os.chmod(path, 0o600)
+            return cls(
+                path,
+                conn,
+                sealer=_Sealer(data_key),
+                patient_salt=salt,
+                max_bytes=max_bytes,
+                retention_days=retention_days,
+                clock=clock,
+            )
+        except sqlite3.Error as e:
+            # __init__ reads the blobs table: a damaged file can fail there too.
+            conn.close()
+            raise _map_sqlite_error(e, path) from None
         except BaseException:
             conn.close()
             raise
-        with contextlib.suppress(OSError):
-            os.chmod(path, 0o600)
-        return cls(
-            path,
-            conn,
-            sealer=_Sealer(data_key),
-            patient_salt=salt,
-            max_bytes=max_bytes,
-            retention_days=retention_days,
-            clock=clock,
-        )
 
     @staticmethod
     def _prepare(conn: sqlite3.Connection, path: Path, data_key: bytes | None) -> bytes:
         try:
+            # One snapshot for the three: another process may be creating the schema.
+            conn.execute("BEGIN")
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             n_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            conn.execute("COMMIT")
             if app_id != APPLICATION_ID and (n_tables or version):
                 raise StorageCorruptError(
                     f"{path} is an SQLite file of another application, not a SEPAS buffer",
@@ -456,7 +468,18 @@ class Buffer:
             if n_tables == 0:
                 # Must precede the first table: only then can pruning return pages to the OS.
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            for attempt in range(BUSY_RETRIES + 1):
+                if mode.lower() == "wal":
+                    break
+                try:
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                except sqlite3.OperationalError as e:
+                    # A new file that another process is creating right now: this switch
+                    # does not wait on the busy timeout, so wait here.
+                    if _code(e) not in (_SQLITE_BUSY, _SQLITE_LOCKED) or attempt == BUSY_RETRIES:
+                        raise
+                    time.sleep(min(0.01 * 2**attempt, 0.5))
             if mode.lower() != "wal":
                 raise StorageError(f"{path}: cannot switch to WAL mode (got {mode})")
             conn.execute("PRAGMA synchronous = FULL")
@@ -465,6 +488,9 @@ class Buffer:
             if version < SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
+                    # Read again under the write lock: another process opening the same
+                    # buffer may have migrated it while this one waited for the lock.
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
                     for step in MIGRATIONS[version:]:
                         step(db)
                     conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -482,10 +508,11 @@ class Buffer:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-                log.info(
-                    "Buffer schema migrated.",
-                    extra={"event": "buffer.schema_migrated", "from": version},
-                )
+                if version < SCHEMA_VERSION:
+                    log.info(
+                        "Buffer schema migrated.",
+                        extra={"event": "buffer.schema_migrated", "from": version},
+                    )
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             want = key_id(data_key) if data_key is not None else None
             have = meta.get("data_key_id")
@@ -505,10 +532,13 @@ class Buffer:
     # -- the writer thread --------------------------------------------------------------
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T], *, in_txn: bool = True) -> Future[T]:
-        if self._closed:
-            raise StorageError("the buffer is closed", hint="This is a bug in the caller.")
         fut: Future[T] = Future()
-        self._queue.put(_Op(fn, fut, in_txn))
+        with self._submit_lock:
+            # Checked and queued under one lock: an op can never land behind the stop
+            # marker, where the writer would never answer it.
+            if self._closed:
+                raise StorageError("the buffer is closed", hint="This is a bug in the caller.")
+            self._queue.put(_Op(fn, fut, in_txn))
         return fut
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -756,21 +786,24 @@ class Buffer:
         With ``dedupe_key`` (e.g. MSH-10 + MSH-7), a second delivery returns the first
         row's id and False, so a resent message is stored once.
         """
+        # Without a key, one unique to this call: re-running the op (after a commit that
+        # was reported as failed but went through) then finds its row, not a second one.
+        key = dedupe_key if dedupe_key is not None else f"call:{uuid.uuid4().hex}"
 
         # Sealed inside the op: the row id, known only there, is the associated data.
         def op(conn: sqlite3.Connection) -> tuple[int, bool]:
-            if dedupe_key is not None:
-                row = conn.execute(
-                    "SELECT id FROM raw_intake WHERE adapter = ? AND dedupe_key = ?",
-                    (adapter, dedupe_key),
-                ).fetchone()
-                if row is not None:
-                    return int(row[0]), False
+            row = conn.execute(
+                "SELECT id FROM raw_intake WHERE adapter = ? AND dedupe_key = ?",
+                (adapter, key),
+            ).fetchone()
+            if row is not None:
+                # A key of our own means the row is this very call's, found on a re-run.
+                return int(row[0]), dedupe_key is None
             self._ensure_room(conn, len(data) + 64)
             cur = conn.execute(
                 "INSERT INTO raw_intake(adapter, dedupe_key, received_at, media_type, size, "
                 "payload) VALUES (?, ?, ?, ?, ?, x'')",
-                (adapter, dedupe_key, self._clock(), media_type, len(data)),
+                (adapter, key, self._clock(), media_type, len(data)),
             )
             rid = int(cur.lastrowid or 0)
             conn.execute(
@@ -1151,7 +1184,9 @@ class Buffer:
 
     def _vacuum(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA incremental_vacuum").fetchall()
+            # Not execute(): it steps a statement with no result columns only once, and
+            # incremental_vacuum frees one page per step. executescript steps to the end.
+            conn.executescript("PRAGMA incremental_vacuum")
             # Freed pages leave the file only once the WAL is checkpointed into it.
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
@@ -1183,10 +1218,11 @@ class Buffer:
 
     def close(self) -> None:
         """Finish queued writes, then close. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
         self._writer.join()
         with self._lock:
             for conn in self._readers:
@@ -1201,6 +1237,157 @@ class Buffer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- uploader support (issue 3) -------------------------------------------------------
+    # What agent/uploader/ needs beyond lease/mark/retry: keeping a lease alive across
+    # in-process retries, settling duplicates without moving them in the ledger, the
+    # sync state, and the per-day ledger that reconciliation compares with the hub.
+
+    def extend_lease(self, lease: Lease, *, lease_secs: float) -> Lease:
+        """Push the expiry of ``lease`` to now + ``lease_secs`` (a long upload or an
+        in-process retry must not let a second upload take the same records)."""
+
+        def op(conn: sqlite3.Connection) -> Lease:
+            expires = self._clock() + lease_secs
+            conn.execute(
+                "UPDATE records SET lease_expires_at = ? WHERE lease_id = ? AND state = 'inflight'",
+                (expires, lease.id),
+            )
+            return Lease(lease.id, expires, lease.items)
+
+        return self._call(op)
+
+    def mark_duplicate(
+        self, lease: Lease, ids: Iterable[str], *, hub_day: str | None = None
+    ) -> int:
+        """The hub already held these: sent, like `mark_sent`, but a record that already
+        has a ledger day keeps it (the hub counts it on the day it first received it,
+        not on the day of this batch; moving it would make reconciliation differ)."""
+        ids = list(ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            now = self._clock()
+            return sum(
+                conn.execute(
+                    "UPDATE records SET state = 'sent', settled_at = ?, "
+                    "hub_day = COALESCE(hub_day, ?), lease_id = NULL, lease_expires_at = NULL, "
+                    "last_error = NULL WHERE id = ? AND state IN ('pending', 'inflight')",
+                    (now, hub_day, i),
+                ).rowcount
+                for i in ids
+            )
+
+        return self._call(op)
+
+    def make_due(self) -> int:
+        """Every pending record waiting for a backoff becomes due now (`sync --once`)."""
+        return self._call(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE records SET next_attempt_at = 0 "
+                    "WHERE state = 'pending' AND next_attempt_at > 0"
+                ).rowcount
+            )
+        )
+
+    def sync_state(self) -> dict[str, Any]:
+        """The uploader's state as last written (`set_sync_state`, `update_sync_state`)."""
+        row = self._reader().execute("SELECT value FROM meta WHERE key = 'sync'").fetchone()
+        return dict(json.loads(row[0])) if row else {}
+
+    def update_sync_state(self, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge ``patch`` into the sync state's top-level keys, atomically (the uploader
+        and reconciliation write different keys and must not undo each other)."""
+        patch = dict(patch)
+
+        def op(conn: sqlite3.Connection) -> dict[str, Any]:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'sync'").fetchone()
+            state: dict[str, Any] = dict(json.loads(row[0])) if row else {}
+            state.update(patch)
+            conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('sync', ?)",
+                (json.dumps(state, sort_keys=True),),
+            )
+            return state
+
+        return self._call(op)
+
+    def blob_info(self, sha256: str) -> tuple[str, int, float | None] | None:
+        """(media_type, size, uploaded_at) of a stored blob, or None if it is not here."""
+        row = (
+            self._reader()
+            .execute("SELECT media_type, size, uploaded_at FROM blobs WHERE sha256 = ?", (sha256,))
+            .fetchone()
+        )
+        return None if row is None else (str(row[0]), int(row[1]), row[2])
+
+    def sent_since(self, since: float) -> int:
+        """How many records were settled as sent at or after ``since`` (unix time)."""
+        return self._count_sent_since(self._reader(), [since])[0]
+
+    @staticmethod
+    def read_sent_since(data_dir: Path, since: Sequence[float]) -> list[int] | None:
+        """`sent_since` for each time in ``since``, without opening a writer or the data
+        key (for `status`, beside the service); None when no buffer exists yet."""
+        path = Path(data_dir) / DB_NAME
+        if not path.exists():
+            return None
+        try:
+            conn = _connect_reader(path)
+        except sqlite3.Error as e:
+            raise _map_sqlite_error(e, path) from None
+        try:
+            return Buffer._count_sent_since(conn, since)
+        except sqlite3.Error as e:
+            raise _map_sqlite_error(e, path) from None
+        finally:
+            conn.close()
+
+    def ledger(self, days: Iterable[str]) -> dict[str, tuple[int, str]]:
+        """Per UTC day (``YYYY-MM-DD``, the hub's ``received_at`` day), the count and the
+        `agent.wire.day_digest` of the records this node holds as sent. Every day asked
+        for is in the answer; a day with none is (0, 64 zeros)."""
+        from agent.wire import day_digest  # wire imports nothing of the agent
+
+        wanted = sorted(set(days))
+        ids: dict[str, list[str]] = {d: [] for d in wanted}
+        conn = self._reader()
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            q = (
+                "SELECT hub_day, id FROM records WHERE state = 'sent' "  # noqa: S608
+                f"AND hub_day IN ({','.join('?' * len(chunk))})"
+            )
+            for day, rid in conn.execute(q, chunk):
+                ids[day].append(rid)
+        return {d: (len(v), day_digest(v)) for d, v in ids.items()}
+
+    def requeue_day(self, day: str) -> int:
+        """Reconciliation found ``day`` differs from the hub: its sent records go back
+        to pending, due now. They keep their ledger day, so that a duplicate answer
+        leaves them where the hub counts them (`mark_duplicate`)."""
+        return self._call(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE records SET state = 'pending', next_attempt_at = 0, settled_at = NULL "
+                    "WHERE state = 'sent' AND hub_day = ?",
+                    (day,),
+                ).rowcount
+            )
+        )
+
+    @staticmethod
+    def _count_sent_since(conn: sqlite3.Connection, since: Sequence[float]) -> list[int]:
+        # settled_at of sent rows has a partial index (records_sent_settled).
+        return [
+            int(
+                conn.execute(
+                    "SELECT count(*) FROM records WHERE state = 'sent' AND settled_at >= ?",
+                    (t,),
+                ).fetchone()[0]
+            )
+            for t in since
+        ]
 
 
 def _fsync_dir(path: Path) -> None:

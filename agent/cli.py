@@ -25,7 +25,7 @@ import adapters
 from agent import __version__
 from agent.buffer import Buffer, BufferStats, State, open_stats
 from agent.config import AgentConfig, load_config, render_effective, resolve_config_path
-from agent.errors import ConfigError, KeyFileError, SepasError
+from agent.errors import ConfigError, HubError, KeyFileError, SepasError
 from agent.keys import (
     fingerprint,
     init_data_key,
@@ -34,6 +34,10 @@ from agent.keys import (
     load_private_key,
     public_pem,
 )
+from agent.uploader import build as build_uploader
+from agent.uploader.client import SKEW_WARN_SECS
+from agent.uploader.reconcile import reconcile as reconcile_ledger
+from agent.uploader.uploader import utc_text
 
 T = TypeVar("T")
 
@@ -64,6 +68,10 @@ ConfigOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+
+#: Test seam, not an option: an httpx transport (``httpx.MockTransport(FakeHub)``) that
+#: `sync` uses instead of the network. Never set in production.
+_hub_transport: Any = None
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
@@ -242,6 +250,14 @@ def evaluate_check(stats: BufferStats | None, cfg: AgentConfig, now: float) -> C
         a.quarantine_crit,
         f"{stats.quarantined} quarantined",
     )
+    alarm = (stats.sync or {}).get("alarm")
+    if alarm:
+        code = 2
+        reasons.append(f"hub refuses this node ({alarm.get('status')}) CRITICAL")
+    skew = (stats.sync or {}).get("clock_skew_s")
+    if isinstance(skew, int | float) and abs(skew) > SKEW_WARN_SECS:
+        code = max(code, 1)
+        reasons.append(f"clock skew {skew:+.0f}s WARNING")
     return CheckResult(code, reasons)
 
 
@@ -267,7 +283,36 @@ def _bytes(n: int) -> str:
     return f"{size:.1f} TB"
 
 
-def status_data(cfg: AgentConfig, stats: BufferStats | None, now: float) -> dict[str, Any]:
+def uploads_data(sync: dict[str, Any], sent: list[int] | None, now: float) -> dict[str, Any]:
+    """The uploader's part of `status`: from the sync state the uploader keeps, and the
+    records sent in the last hour and day."""
+    until = sync.get("backoff_until")
+    skew = sync.get("clock_skew_s")
+    rec = dict(sync.get("reconcile") or {})
+    rec.pop("requeued_keys", None)
+    return {
+        "last_attempt_at": utc_text(sync.get("last_attempt_at")),
+        "last_success_at": utc_text(sync.get("last_success_at")),
+        "last_error": sync.get("last_error"),
+        "alarm": sync.get("alarm"),
+        "sent_last_hour": sent[0] if sent else 0,
+        "sent_last_day": sent[1] if sent else 0,
+        "backoff_until": utc_text(until)
+        if isinstance(until, int | float) and until > now
+        else None,
+        "backoff_reason": sync.get("backoff_reason")
+        if isinstance(until, int | float) and until > now
+        else None,
+        "clock_skew_s": skew,
+        "clock_skew_warning": isinstance(skew, int | float) and abs(skew) > SKEW_WARN_SECS,
+        "last_run": sync.get("last_run"),
+        "reconcile": rec or None,
+    }
+
+
+def status_data(
+    cfg: AgentConfig, stats: BufferStats | None, now: float, *, sent: list[int] | None = None
+) -> dict[str, Any]:
     """What `status --json` prints; also the basis of the table."""
     if stats is None:
         return {"node_id": cfg.node.id, "data_dir": str(cfg.node.data_dir), "buffer": None}
@@ -295,6 +340,7 @@ def status_data(cfg: AgentConfig, stats: BufferStats | None, now: float) -> dict
         "unmapped_raw": stats.unmapped_raw,
         "cursors": {a: {"value": v, "updated_at": t} for a, (v, t) in stats.cursors.items()},
         "sync": stats.sync or None,
+        "uploads": uploads_data(stats.sync or {}, sent, now),
     }
 
 
@@ -344,10 +390,59 @@ def _render_status(data: dict[str, Any], check: CheckResult) -> None:
     )
     for name, cur in data["cursors"].items():
         out.print(f"cursor {name}: {cur['value']}", markup=False)
-    sync = data["sync"]
-    out.print(f"last sync: {json.dumps(sync, ensure_ascii=False) if sync else 'never'}")
+    _render_uploads(data["uploads"], data["sync"])
     if check.reasons:
         out.print(f"[{color}]attention:[/] " + "; ".join(check.reasons))
+
+
+def _when(text: str | None) -> str:
+    return text if text else "never"
+
+
+def _render_uploads(up: dict[str, Any], sync: dict[str, Any] | None) -> None:
+    if not sync:
+        out.print("uploads: [yellow]never synced[/]")
+        return
+    out.print(
+        f"last successful sync: {_when(up['last_success_at'])}   "
+        f"last attempt: {_when(up['last_attempt_at'])}"
+    )
+    out.print(
+        f"sent: {up['sent_last_hour']:,} in the last hour, {up['sent_last_day']:,} in the last day"
+    )
+    if up["alarm"]:
+        alarm = up["alarm"]
+        out.print(
+            f"[bold red]hub refuses this node[/] ({alarm.get('status')} "
+            f"{alarm.get('problem_type') or ''}): {alarm.get('message')}",
+            markup=True,
+        )
+    err_ = up["last_error"]
+    if err_:
+        out.print(
+            f"last error: {err_.get('message')} (status {err_.get('status')}, "
+            f"type {err_.get('problem_type') or '-'}) at {utc_text(err_.get('at'))}",
+            markup=False,
+        )
+    if up["backoff_until"]:
+        out.print(f"[yellow]backing off[/] ({up['backoff_reason']}) until {up['backoff_until']}")
+    skew = up["clock_skew_s"]
+    if skew is not None:
+        color = "red" if up["clock_skew_warning"] else "green"
+        out.print(f"clock skew vs hub: [{color}]{skew:+.1f} s[/]")
+    rec = up["reconcile"]
+    if rec:
+        differing = rec.get("days_differing") or []
+        line = (
+            f"last reconciliation: {utc_text(rec.get('at'))}, {rec.get('days_checked')} days "
+            f"checked, {len(differing)} differing, {rec.get('requeued', 0):,} records re-queued"
+        )
+        out.print(line, markup=False)
+        for d in differing:
+            note = " (unresolved: unchanged since re-queued)" if d.get("unresolved") else ""
+            out.print(
+                f"  gap on {d['day']}: node {d['ours']:,}, hub {d['hub']:,}{note}", markup=False
+            )
 
 
 @app.command()
@@ -374,7 +469,8 @@ def status(
         now = time.time()
         stats = open_stats(cfg.node.data_dir)
         result = evaluate_check(stats, cfg, now)
-        data = status_data(cfg, stats, now)
+        sent = Buffer.read_sent_since(cfg.node.data_dir, [now - 3600, now - 86400])
+        data = status_data(cfg, stats, now, sent=sent)
         if check:
             print(_check_line(result, stats, cfg, data))
             return result.code
@@ -395,6 +491,130 @@ def status(
         raise typer.Exit(code)
     code = _run(debug, body)
     raise typer.Exit(code)
+
+
+# -- sync -------------------------------------------------------------------------------
+
+
+def _adapter_status(cfg: AgentConfig, buffer: Buffer) -> list[dict[str, Any]]:
+    """The heartbeat's adapters: configured ones, last_ok from their cursor's time."""
+    cursors = buffer.stats().cursors
+    return [
+        {
+            "name": a.name,
+            "kind": a.kind,
+            "last_ok": utc_text(cursors[a.name][1]) if a.name in cursors else None,
+            "last_error": None,
+        }
+        for a in cfg.adapters
+        if a.enabled
+    ]
+
+
+def _render_sync(data: dict[str, Any]) -> None:
+    rep_ = data["sync"]
+    reached = rep_["hub_reached"] and not rep_["auth_refused"]
+    head = "[green]hub reached[/]" if reached else "[red]hub not reached[/]"
+    out.print(
+        f"{head}: {rep_['sent']:,} sent, {rep_['duplicate']:,} already at the hub, "
+        f"{rep_['rejected']:,} rejected (dead-letter), {rep_['retried']:,} to retry; "
+        f"{rep_['batches']} batches, blobs {rep_['blobs_uploaded']} uploaded / "
+        f"{rep_['blobs_present']} already there"
+    )
+    if rep_["error"]:
+        e = rep_["error"]
+        out.print(
+            f"last error: {e['message']} (status {e['status']}, type {e['problem_type'] or '-'})",
+            markup=False,
+        )
+    if rep_["backoff_until"]:
+        out.print(f"next attempt not before {utc_text(rep_['backoff_until'])}")
+    rec = data.get("reconcile")
+    if rec:
+        out.print(
+            f"reconciliation: {rec['days_checked']} days checked, "
+            f"{len(rec['days_differing'])} differing, {rec['requeued']:,} records re-queued"
+        )
+    elif data.get("reconcile_error"):
+        out.print(f"reconciliation failed: {data['reconcile_error']}", markup=False)
+    out.print(f"heartbeat: {'sent' if rep_['heartbeat_sent'] else 'not sent'}")
+
+
+@app.command()
+def sync(
+    config: ConfigOpt = None,
+    once: Annotated[
+        bool,
+        typer.Option("--once", help="Sync once and exit (required; `run` syncs continuously)."),
+    ] = False,
+    json_out: JsonOpt = False,
+    reconcile_days: Annotated[
+        int,
+        typer.Option(
+            "--reconcile-days",
+            min=0,
+            max=62,
+            help="Reconcile the ledger with the hub over this many days (0: skip).",
+        ),
+    ] = 7,
+    debug: DebugOpt = False,
+) -> None:
+    """Upload what is due to the hub now, reconcile the ledger, send a heartbeat.
+
+    Records waiting out a backoff are tried at once.
+
+    Exit 0: hub reached (even if it rejected records); 1: unreachable or signature refused.
+
+    Example: sepas-agent sync --once --json
+    """
+    if not once:
+        err.print(
+            "[bold red]error:[/] sync needs --once "
+            "(the service, `sepas-agent run`, syncs continuously)"
+        )
+        raise typer.Exit(2)
+
+    def body() -> int:
+        _, cfg = _load(config)
+        key = load_private_key(cfg.node.key_path)
+        buffer = open_buffer(cfg)
+        data: dict[str, Any] = {"node_id": cfg.node.id}
+        try:
+            client, uploader = build_uploader(
+                cfg,
+                buffer,
+                key,
+                transport=_hub_transport,
+                adapters=lambda: _adapter_status(cfg, buffer),
+            )
+            with client:
+                data["made_due"] = buffer.make_due()
+                report = uploader.sync_once(force=True)
+                if report.hub_reached and not report.auth_refused and reconcile_days > 0:
+                    try:
+                        rec = reconcile_ledger(
+                            buffer,
+                            client,
+                            days=reconcile_days,
+                            retention_days=cfg.buffer.retention_days,
+                        )
+                    except HubError as e:
+                        data["reconcile_error"] = str(e)
+                    else:
+                        data["reconcile"] = rec.to_dict()
+                        if rec.requeued:
+                            again = uploader.sync_once(force=True)
+                            data["resent"] = again.to_dict()
+        finally:
+            buffer.close()
+        data["sync"] = report.to_dict()
+        if json_out:
+            print(json.dumps(data, indent=2, ensure_ascii=False))
+        else:
+            _render_sync(data)
+        return 0 if report.hub_reached and not report.auth_refused else 1
+
+    raise typer.Exit(_run(debug, body))
 
 
 def main() -> None:
