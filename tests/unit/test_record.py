@@ -62,9 +62,20 @@ def test_canonical_json_does_not_depend_on_key_order():
     assert make_record(body=body1).to_json() == make_record(body=body2).to_json()
 
 
-def test_canonical_json_refuses_nan():
-    with pytest.raises(ValueError, match="JSON"):
-        canonical_json({"v": float("nan")})
+def test_canonical_json_never_emits_nan_or_infinity_tokens():
+    # NaN/Infinity are not JSON; a hub parser would refuse the whole batch. Mappers
+    # must not produce them (they parse numbers strictly); if one slips through it
+    # becomes null, which is still valid JSON.
+    out = canonical_json({"v": float("nan"), "w": float("inf")})
+    assert json.loads(out) == {"v": None, "w": None}
+
+
+def test_canonical_json_matches_the_standard_library_byte_for_byte():
+    wire = make_record(body={"b": [1, 2.5, "ی\u200c", None, True], "a": {"z": 0, "y": "x"}})
+    expected = json.dumps(
+        wire.to_wire(), ensure_ascii=False, sort_keys=True, separators=(",", ":")
+    ).encode()
+    assert canonical_json(wire.to_wire()) == expected
 
 
 def test_record_json_is_the_same_bytes_every_time_and_carries_persian_unescaped():
