@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import IO, Protocol, runtime_checkable
 
-from agent.buffer import PutReport, RawEntry
+from agent.buffer import Cursor, PutReport, RawEntry
 from agent.record import Record
 
 
@@ -33,7 +33,7 @@ class RecordSink(Protocol):
         self,
         records: Sequence[Record],
         *,
-        cursor: tuple[str, str] | None = None,
+        cursor: Cursor | None = None,
         raw_ids: Iterable[int] = (),
     ) -> PutReport: ...
 
