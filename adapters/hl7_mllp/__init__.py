@@ -1,5 +1,6 @@
 """The ``hl7-mllp`` adapter: HL7 v2 over MLLP from HIS and LIS senders.
 
-Only its settings exist so far (`settings.Hl7MllpSettings`); framing, listener,
-ACKs and mapping follow.
+`framing` decodes MLLP frames from bytes (nothing else); `listener` is the TCP/TLS
+server that checks each message structurally, commits it raw, and only then answers
+AA (HL7-INTAKE.md); mapping to Records runs behind the ACK (`adapters.hl7.runner`).
 """
