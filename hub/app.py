@@ -7,7 +7,9 @@ base, Content-Digest) come from `agent.wire`, shared with the node; storage from
 `hub.store.HubStore`; request content is read by `hub.batch`.
 
 A batch upload is checked in this order, cheapest and least trusting first:
-1. ``Content-Length`` over ``limits.max_body_bytes``: 413 before reading anything.
+1. ``Content-Length`` over ``limits.max_body_bytes``: 413 before using anything
+   (the content is read and discarded first, so that the 413 reaches the sender:
+   `_drain`).
 2. The signature (RFC 9421) over the raw request path, against the keyid's active
    keys (401 ``unknown-key`` / ``key-revoked`` / the `agent.wire.SignatureProblem`),
    then the nonce, remembered for twice the allowed skew (401 ``nonce-replayed``).
@@ -106,6 +108,11 @@ IN_FLIGHT_RETRY_AFTER_SECS: Final = 5
 STORE_RETRY_AFTER_SECS: Final = 10
 #: What a 503 (too many requests at once) asks the node to wait.
 OVERLOAD_RETRY_AFTER_SECS: Final = 5
+#: A request refused for its declared size is read to its end and discarded before
+#: the 413 goes out (`_drain`) when it declares at most this many bytes, and for at
+#: most `DRAIN_MAX_SECS`. Above any batch a node makes (hub.batch_max_bytes <= 16 MiB).
+DRAIN_MAX_BYTES: Final = 64 * 1024 * 1024
+DRAIN_MAX_SECS: Final = 30.0
 
 #: Problem titles (RFC 9457 ``title``: the same for every occurrence of a type).
 #: Slugs are stable: nodes and dashboards match on them; add, never rename.
@@ -264,7 +271,9 @@ class Hub:
 
     async def post_batch(self, request: Request) -> Response:
         limit = self.limits.max_body_bytes
-        _check_content_length(request, limit)
+        await _check_content_length(
+            request, limit, lambda: self.authenticate(request, has_content=True)
+        )
         node_id = await self.authenticate(request, has_content=True)
         encoding = _check_media(request, json_only=True)
         key = request.headers.get("idempotency-key", "")
@@ -356,7 +365,9 @@ class Hub:
     async def put_blob(self, request: Request) -> Response:
         name = request.path_params["hex"]
         limit = self.limits.max_body_bytes
-        _check_content_length(request, limit)
+        await _check_content_length(
+            request, limit, lambda: self.authenticate(request, has_content=True)
+        )
         await self.authenticate(request, has_content=True)
         _check_media(request, json_only=False, identity_only=True)
         if not is_sha256_hex(name):
@@ -418,7 +429,7 @@ class Hub:
         self, request: Request, *, path_node: str | None = None
     ) -> tuple[str, dict[str, Any]]:
         """Signed JSON content of at most `MAX_SMALL_BODY_BYTES`: reconcile, heartbeat."""
-        _check_content_length(request, MAX_SMALL_BODY_BYTES)
+        await _check_content_length(request, MAX_SMALL_BODY_BYTES)
         keyid = await self.authenticate(request, has_content=True)
         if path_node is not None and path_node != keyid:
             raise Refusal(403, "forbidden", "a node may only send its own heartbeat")
@@ -468,13 +479,20 @@ def _raw_path(scope: Scope) -> str:
     return quote(scope.get("root_path", "") + scope["path"])
 
 
-def _check_content_length(request: Request, limit: int) -> None:
+async def _check_content_length(
+    request: Request, limit: int, authenticate: Callable[[], Awaitable[object]] | None = None
+) -> None:
     value = request.headers.get("content-length")
     if value is None:
         return
     if not value.isascii() or not value.isdigit():
         raise Refusal(400, "malformed-request", "Content-Length is not a number")
     if int(value) > limit:
+        if int(value) <= DRAIN_MAX_BYTES and authenticate is not None:
+            # Only a sender whose signature verifies gets its content read and thrown
+            # away: an unknown client cannot make the hub read 64 MiB per request.
+            await authenticate()
+            await _drain(request)
         raise Refusal(
             413,
             "payload-too-large",
@@ -499,6 +517,29 @@ def _check_media(request: Request, *, json_only: bool, identity_only: bool = Fal
             f"Content-Encoding must be {' or '.join(allowed)}",
         )
     return encoding
+
+
+async def _drain(request: Request) -> None:
+    """Read the request's content to its end and discard it (bounded by
+    `DRAIN_MAX_BYTES` and `DRAIN_MAX_SECS`), so that the refusal that follows reaches
+    the sender.
+
+    Why: the 413 goes out with ``Connection: close``. A socket closed with unread data
+    sends a reset instead of a FIN (RFC 1122 section 4.2.2.13), and an HTTP/1.1
+    client sends the whole body before it reads the answer: it met the reset while
+    still sending and the 413 was lost. A node took that for a network error and
+    backed off, then sent the same oversized batch again, instead of splitting it.
+    Apache httpd's "lingering close" exists for the same reason.
+    """
+    received = 0
+    with anyio.move_on_after(DRAIN_MAX_SECS):
+        while received <= DRAIN_MAX_BYTES:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

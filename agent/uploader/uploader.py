@@ -69,6 +69,14 @@ class Hub(Protocol):
     def heartbeat(self, body: Mapping[str, Any]) -> None: ...
 
 
+class UploadObserver(Protocol):
+    """Notified of uploads (metrics: `agent.telemetry.Metrics`). An observer's error is
+    logged and never stops the upload (STYLE.md 3.5, notification rule)."""
+
+    def batch_answered(self, status: int | None, secs: float) -> None: ...
+    def records_settled(self, outcome: str, items: Sequence[BatchItem]) -> None: ...
+
+
 @dataclass(slots=True)
 class SyncReport:
     """What one `Uploader.sync_once` did."""
@@ -86,8 +94,8 @@ class SyncReport:
     hub_reached: bool = False  # the hub answered something other than 401/403/5xx
     auth_refused: bool = False  # 401/403
     heartbeat_sent: bool = False
-    #: why the run ended: drained, deadline, backing-off, unreachable, throttled,
-    #: refused, local-error
+    #: why the run ended: drained, deadline, stopping, backing-off, unreachable,
+    #: throttled, refused, local-error
     stopped: str = "drained"
     backoff_until: float | None = None
     error: dict[str, Any] | None = None  # message, status, problem_type, at
@@ -172,6 +180,7 @@ class Uploader:
         adapters: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
         inline_wait_max_secs: float = 60.0,
         heartbeat: bool = True,
+        observer: UploadObserver | None = None,
     ) -> None:
         """Args beyond the obvious:
         rand: uniform [0, 1) for backoff jitter (not for anything secret).
@@ -180,6 +189,7 @@ class Uploader:
         inline_wait_max_secs: without a deadline, the longest in-process wait for a
             409/429/503 before the batch is put back for a later run instead.
         heartbeat: send a heartbeat at the end of each `sync_once`.
+        observer: told of every batch answer and settled record (metrics).
         """
         self.buffer = buffer
         self.client = client
@@ -196,8 +206,27 @@ class Uploader:
         self._adapters = adapters
         self.inline_wait_max_secs = inline_wait_max_secs
         self.heartbeat_enabled = heartbeat
+        self.observer = observer
+        self._stopping = False
         self._failures = 0
         self._blobs_done: set[str] = set()
+
+    # -- shutdown (the runtime, on SIGTERM) ------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Shutdown: from now on no batch starts and no in-process wait begins; a
+        running `sync_once` gives its unsettled records back and returns, ``stopping``.
+        Thread-safe; the waits of the ``sleep`` given to the constructor should also
+        end (the runtime's does)."""
+        self._stopping = True
+
+    def release_unsettled(self) -> int:
+        """Give the current lease's unsettled records back now: for a shutdown whose
+        upload did not end in time (a hub that does not answer). Safe beside a settle
+        of the same records: the buffer releases only what is still inflight under that
+        lease, and a later ``mark_sent`` still applies (the hub's word is final)."""
+        lease = getattr(self, "_lease", None)
+        return 0 if lease is None else self.buffer.release(lease)
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -228,6 +257,9 @@ class Uploader:
             return report
         try:
             while True:
+                if self._stopping:
+                    report.stopped = "stopping"
+                    break
                 if deadline is not None and self._clock() >= deadline:
                     report.stopped = "deadline"
                     break
@@ -241,10 +273,17 @@ class Uploader:
                     break
                 if not self._upload_lease(lease, report, deadline):
                     break
+            # A node that falls behind (deadline reached, hub slow) must still report
+            # its backlog: that is what the heartbeat is for. Only skip it when the
+            # hub cannot be reached or refuses us, or we are shutting down.
             if (
                 self.heartbeat_enabled
-                and report.stopped == "drained"
-                and (deadline is None or self._clock() < deadline)
+                and not self._stopping
+                and (
+                    report.stopped == "drained"
+                    or (report.stopped == "deadline" and report.hub_reached)
+                )
+                and not report.auth_refused
             ):
                 self._heartbeat(report)
         finally:
@@ -268,14 +307,17 @@ class Uploader:
         try:
             while queue:
                 batch = queue[0]
-                if deadline is not None and self._clock() >= deadline and inline == 0:
+                if self._stopping or (
+                    deadline is not None and self._clock() >= deadline and inline == 0
+                ):
                     ids = [i for b in queue for i in b.ids]
                     report.released += self.buffer.release(self._lease, ids)
                     queue.clear()
-                    report.stopped = "deadline"
+                    report.stopped = "stopping" if self._stopping else "deadline"
                     return False
                 self._keep_lease()
                 outcome: BatchResult | HubError
+                sent_at: float | None = None
                 try:
                     bad = self._upload_blobs(batch, report)
                     if bad:
@@ -286,6 +328,7 @@ class Uploader:
                             queue.appendleft(rest)
                         continue
                     self._keep_lease()
+                    sent_at = time.monotonic()
                     outcome = self.client.post_batch(batch)
                 except HubError as e:
                     outcome = e
@@ -294,6 +337,9 @@ class Uploader:
                         queue, report, Action(Verdict.BACKOFF), e, stopped="local-error"
                     )
                     return False
+                if sent_at is not None:
+                    status = 200 if isinstance(outcome, BatchResult) else outcome.status
+                    self._tell("batch_answered", status, time.monotonic() - sent_at)
                 action = action_for(outcome, records=len(batch))
                 self._note_contact(outcome, report)
                 if isinstance(outcome, BatchResult):  # Verdict.SETTLE
@@ -320,6 +366,7 @@ class Uploader:
                     rid = batch.ids[0]
                     reason = f"hub refused it with {outcome.status}: {outcome}"
                     report.rejected += self.buffer.dead_letter(self._lease, {rid: reason})
+                    self._tell("records_settled", "rejected", batch.items[:1])
                     log.warning(
                         "The hub refused a single record (%s); it is in the dead-letter store.",
                         outcome.status,
@@ -460,6 +507,11 @@ class Uploader:
                 log.debug(
                     "Rejected record %s: %s", rid[:12], reason, extra={"event": "upload.rejected"}
                 )
+        if self.observer is not None:
+            by_id = {it.id: it for it in batch.items}
+            for outcome, ids in (("accepted", accepted), ("duplicate", duplicate)):
+                self._tell("records_settled", outcome, [by_id[i] for i in ids if i in by_id])
+            self._tell("records_settled", "rejected", [by_id[i] for i in rejected if i in by_id])
         if unknown:
             # Not a status PROTOCOL.md defines: never final, try again later.
             delay = delay_for(
@@ -584,9 +636,24 @@ class Uploader:
             report.hub_reached = True
 
     def _may_wait(self, delay: float, deadline: float | None) -> bool:
+        if self._stopping:
+            return False
         if deadline is None:
             return delay <= self.inline_wait_max_secs
         return self._clock() + delay < deadline
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """Notify the observer; its errors are logged, never raised."""
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, method)(*args)
+        except Exception as e:  # noqa: BLE001 - an observer must never break the run
+            log.warning(
+                "An upload observer failed: %s",
+                type(e).__name__,
+                extra={"event": "upload.observer_failed", "error": type(e).__name__},
+            )
 
     def _keep_lease(self) -> None:
         if self._lease.expires_at - self._clock() < self.lease_secs / 2:

@@ -133,6 +133,23 @@ def test_an_oversized_content_length_is_refused_413_before_the_body(
     assert b"payload-too-large" in answer
 
 
+def test_an_unsigned_oversized_request_is_refused_without_the_hub_reading_its_body(
+    start_hub: Callable[..., LiveHub],
+) -> None:
+    # Under the 64 MiB drain bound, a signed sender's excess is read and discarded so
+    # its 413 arrives; an unsigned one is refused on its headers and nothing is read.
+    hub = start_hub(max_body_bytes=64 * 1024)
+    head = (
+        b"POST /v1/batches HTTP/1.1\r\nHost: hub\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1048576\r\n\r\n"
+    )
+    started = time.monotonic()
+    answer = _raw_exchange(hub, head, [])  # the megabyte is never sent
+    assert time.monotonic() - started < 5  # answered at once, not after a drain timeout
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"signature-missing" in answer
+
+
 def test_an_oversized_chunked_body_is_refused_413_at_the_limit(
     start_hub: Callable[..., LiveHub],
 ) -> None:

@@ -699,3 +699,24 @@ def test_sync_cli_exits_2_on_a_config_error_and_without_once(tmp_path: Path) -> 
     cfg = write_config(tmp_path, url="http://hub.example/")
     assert runner.invoke(cli.app, ["sync", "--once", "-c", str(cfg)]).exit_code == 2
     assert runner.invoke(cli.app, ["sync", "-c", str(cfg)]).exit_code == 2
+
+
+def test_a_node_that_runs_out_of_time_still_reports_its_backlog_in_a_heartbeat(
+    buf: Buffer, hub: FakeHub, clock: FakeClock
+) -> None:
+    # One batch fits in the run; the rest stays pending. The hub must still hear
+    # how far behind the node is.
+    buf.put(make_records(0, 30))
+    up = make_uploader(buf, hub, clock, batch_max_records=10)
+    real_upload = up._upload_lease
+
+    def upload_then_run_out(lease, report, deadline):
+        ok = real_upload(lease, report, deadline)
+        clock.advance(3600)
+        return ok
+
+    up._upload_lease = upload_then_run_out  # type: ignore[method-assign]
+    report = up.sync_once(deadline=clock() + 60)
+    assert report.stopped == "deadline"
+    assert report.heartbeat_sent
+    assert hub.heartbeats[-1]["pending"] == 20
