@@ -25,15 +25,15 @@ import adapters
 from agent import __version__
 from agent.buffer import Buffer, BufferStats, State, open_stats
 from agent.config import AgentConfig, load_config, render_effective, resolve_config_path
-from agent.errors import ConfigError, HubError, KeyFileError, SepasError
+from agent.errors import ConfigError, HubError, SepasError
 from agent.keys import (
     fingerprint,
     init_data_key,
     init_key,
-    load_data_key,
     load_private_key,
     public_pem,
 )
+from agent.runtime import open_buffer
 from agent.uploader import build as build_uploader
 from agent.uploader.client import SKEW_WARN_SECS
 from agent.uploader.reconcile import reconcile as reconcile_ledger
@@ -95,30 +95,6 @@ def _run(debug: bool, fn: Callable[[], T]) -> T:
 def _load(config: Path | None) -> tuple[Path, AgentConfig]:
     path = resolve_config_path(config)
     return path, load_config(path, adapters.KINDS)
-
-
-def open_buffer(cfg: AgentConfig) -> Buffer:
-    """The buffer of this config, with its data key (created on first use).
-
-    A buffer that exists without its key file is an error, not a fresh key: the
-    records in it could never be read again.
-    """
-    data_dir = cfg.node.data_dir
-    key: bytes | None = None
-    if cfg.buffer.encrypt:
-        key_path = cfg.buffer_key_path
-        if (data_dir / "buffer.db").exists() and not key_path.exists():
-            raise KeyFileError(
-                f"{key_path} is missing but {data_dir / 'buffer.db'} exists",
-                hint="Restore buffer.key from backup; a new key cannot read the records.",
-            )
-        key = init_data_key(key_path) if not key_path.exists() else load_data_key(key_path)
-    return Buffer.open(
-        data_dir,
-        data_key=key,
-        max_bytes=cfg.buffer.max_bytes,
-        retention_days=cfg.buffer.retention_days,
-    )
 
 
 @app.callback(invoke_without_command=True)
@@ -615,6 +591,25 @@ def sync(
         return 0 if report.hub_reached and not report.auth_refused else 1
 
     raise typer.Exit(_run(debug, body))
+
+
+# -- run --------------------------------------------------------------------------------
+
+
+@app.command()
+def run(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
+    """Run the agent as a service: adapters, buffer, uploads, /healthz and /metrics.
+
+    Logs go to stdout: JSON lines (for journald) or text on a terminal. Stops cleanly
+    on SIGTERM or Ctrl-C within 10 s. Exit 0 after a clean stop, 1 when it cannot
+    start (missing node key, unusable buffer), 2 on a config error.
+
+    Example: sepas-agent run --config /etc/sepas-agent/agent.toml
+    """
+    from agent.runtime import Runtime  # the service's imports (APScheduler, prometheus)
+
+    _, cfg = _run(debug, lambda: _load(config))
+    raise typer.Exit(Runtime(cfg, hub_transport=_hub_transport).run_forever())
 
 
 def main() -> None:
