@@ -11,7 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from agent.config import AdapterSettings, CodecName, ListenAddress, field_problems
+from adapters.hl7.settings import Hl7Settings
+from agent.config import CodecName, ListenAddress, field_problems
 
 MiB = 1024 * 1024
 
@@ -31,7 +32,7 @@ def _check_network(value: str) -> str:
 Network = Annotated[str, AfterValidator(_check_network)]
 
 
-class Hl7MllpSettings(AdapterSettings):
+class Hl7MllpSettings(Hl7Settings):
     """``kind = "hl7-mllp"``: accepts HL7 v2 messages over MLLP and ACKs after commit."""
 
     kind: Literal["hl7-mllp"]
@@ -48,13 +49,7 @@ class Hl7MllpSettings(AdapterSettings):
     max_connections: Annotated[int, Field(ge=1, le=10_000)] = 64
     tls_cert: Path | None = None  # PEM certificate: MLLP over TLS when set
     tls_key: Path | None = None  # PEM private key for tls_cert
-    # PID-3 repetitions carrying the national code (rule 5): CX.4 assigning
-    # authority, CX.5 identifier type.
-    national_id_authority: Annotated[str, Field(min_length=1)] = "NOCR"
-    national_id_type: Annotated[str, Field(min_length=1)] = "NNIRN"
-    # OBR-24 (diagnostic service section id) values that make a result a
-    # pathology-report rather than a lab-result.
-    pathology_obr24: tuple[Annotated[str, Field(min_length=1)], ...] = ("SP", "PAT")
+    # national_id_authority, national_id_type, pathology_obr24: see Hl7Settings.
 
     @model_validator(mode="after")
     def _check_tls_pair(self) -> Hl7MllpSettings:
