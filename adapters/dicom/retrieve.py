@@ -534,9 +534,10 @@ class Retriever:
         ae.maximum_associations = self.limits.max_associations
         ae.maximum_pdu_size = self.limits.max_pdu_bytes
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
         ae.add_supported_context(net.VERIFICATION, list(net.TRANSFER_SYNTAXES))
-        handlers = [
+        handlers: list[Any] = [
             *net.NODELAY_HANDLERS,
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_c_store),
@@ -556,6 +557,7 @@ class Retriever:
                 hint="Another program may hold the port (ss -ltnp), or ports below 1024 "
                 "need privileges; change `listen`.",
             ) from None
+        assert isinstance(server, _StorageServer)  # noqa: S101 - narrows make_server's type
         with self._lock:
             self._stopping = False
         self._server = server
