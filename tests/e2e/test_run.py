@@ -5,7 +5,9 @@ is an ``sql`` adapter over a SQLite file standing in for a HIS (a table behind a
 view, as HIS vendors expose them). The agent runs, is stopped with SIGTERM, runs
 again, and is stopped again: every row reaches the hub exactly once, the cursor
 survives the restart, ``status --json`` agrees with the hub, and nothing the agent
-printed carries a test patient's name or national code. Patients are synthetic.
+printed carries a test patient's name or national code. A second test runs the
+service with an MLLP listener fed by a LIS-like sender and a dicom adapter polling a
+real Orthanc. Patients are synthetic.
 """
 
 from __future__ import annotations
@@ -254,3 +256,80 @@ def test_run_stop_restart_delivers_every_row_once_and_status_agrees_with_the_hub
             json.loads(line)
     for phi in his.phi():
         assert phi not in output, "patient data in the agent's output"
+
+
+def test_run_carries_mllp_messages_and_pacs_studies_to_the_hub(tmp_path: Path, hub: Hub) -> None:
+    """The other two intake paths through the real service: a LIS sending HL7 over
+    MLLP (ACKs read back) and a real Orthanc polled with C-FIND, in one `run`."""
+    from datetime import datetime
+
+    from agent.dates import TEHRAN
+    from agent.demo import MllpSender, build_messages
+    from tests.interop.pacs_peers import free_port, load, make_study, orthanc
+
+    peer = orthanc(tmp_path / "orthanc")
+    try:
+        today = datetime.now(TEHRAN).strftime("%Y%m%d")
+        load(peer, make_study(study_date=today, series=1, instances=2))
+        load(peer, make_study(study_date=today, series=2, instances=1))
+        data_dir = tmp_path / "data"
+        mllp_port = free_port()
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(
+            textwrap.dedent(
+                f"""\
+                [node]
+                id = "{NODE}"
+                data_dir = "{data_dir}"
+                [hub]
+                url = "{hub.url}"
+                [telemetry]
+                listen = "127.0.0.1:0"
+                log_format = "json"
+                [[adapters]]
+                name = "lis"
+                kind = "hl7-mllp"
+                listen = "127.0.0.1:{mllp_port}"
+                allow = ["127.0.0.1/32"]
+                [[adapters]]
+                name = "pacs"
+                kind = "dicom"
+                listen = "127.0.0.1:{free_port()}"
+                peer = {{ ae_title = "{peer.ae_title}", host = "{peer.host}", port = {peer.port} }}
+                poll_every = "1s"
+                """
+            ),
+            encoding="utf-8",
+        )
+        assert _cli("keys", "init", "-c", str(cfg)).returncode == 0
+        register(hub.store, NODE, load_private_key(data_dir / "node.key"))
+        agent = Agent(cfg, tmp_path)
+        proc = agent.start()
+        try:
+            sent = build_messages(8, prefix="E2E")
+            deadline = time.monotonic() + WAIT_SECS
+            while True:  # the listener is up once it accepts a connection
+                try:
+                    sender = MllpSender("127.0.0.1", mllp_port)
+                    break
+                except OSError:
+                    assert proc.poll() is None, "the agent exited"
+                    assert time.monotonic() < deadline, "the MLLP listener never came up"
+                    time.sleep(0.1)
+            try:
+                acks = [sender.send(m.data)["MSA-1"] for m in sent]
+            finally:
+                sender.close()
+            assert acks == [m.expect for m in sent]
+            accepted = sum(1 for m in sent if m.expect == "AA")
+            # every accepted message, plus the two studies
+            _wait("HL7 and DICOM records at the hub", lambda: hub.count() == accepted + 2, proc)
+        finally:
+            elapsed = agent.stop(proc)
+        assert proc.returncode == 0
+        assert elapsed < 10.0
+        counts = hub.store.counts_by_service(NODE)
+        assert counts.get("imaging-study") == 2
+        assert sum(counts.values()) == accepted + 2
+    finally:
+        peer.stop()
